@@ -1,0 +1,80 @@
+"""Idempotent Cloud Tasks task names and valid queue IDs.
+
+A Celery publish maps to the idempotency key ``{run_id}/{task_id}/{attempt}``
+(run_id = ``root_id`` or the task id, attempt = the ``retries`` header), and
+the key to a task ID with :func:`task_id_for`:
+
+* deterministic, only ``[A-Za-z0-9_-]``, at most 500 characters;
+* starts with 8 hex digits of a SHA-256 of the key, so names spread evenly
+  over Cloud Tasks' key space (sequential names create hot spots);
+* injective: keys that fit are escaped reversibly (``<hash>_<escaped key>``,
+  every byte outside ``[A-Za-z0-9-]`` written as ``_xx``); longer keys become
+  ``<hash>-<full sha256>-<readable head>``, distinct from the first form by the
+  ninth character and unique up to a SHA-256 collision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "MAX_QUEUE_ID_LENGTH",
+    "MAX_TASK_ID_LENGTH",
+    "idempotency_key",
+    "queue_id_for",
+    "task_id_for",
+]
+
+MAX_TASK_ID_LENGTH = 500
+MAX_QUEUE_ID_LENGTH = 100
+_HASH_PREFIX = 8
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_QUEUE_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
+_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
+
+
+def idempotency_key(run_id: str, task_id: str, attempt: int) -> str:
+    """The key that names one attempt of one task: ``{run_id}/{task_id}/{attempt}``."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    return f"{run_id}/{task_id}/{attempt}"
+
+
+def _escape(data: bytes) -> str:
+    return "".join(chr(b) if b in _PLAIN else f"_{b:02x}" for b in data)
+
+
+def task_id_for(key: str) -> str:
+    """A valid, deterministic, collision-free Cloud Tasks task ID for ``key``."""
+    data = key.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(data).hexdigest()
+    escaped = _escape(data)
+    if _HASH_PREFIX + 1 + len(escaped) <= MAX_TASK_ID_LENGTH:
+        return f"{digest[:_HASH_PREFIX]}_{escaped}"
+    head = escaped[: MAX_TASK_ID_LENGTH - _HASH_PREFIX - len(digest) - 2]
+    return f"{digest[:_HASH_PREFIX]}-{digest}-{head}"
+
+
+def is_valid_task_id(task_id: str) -> bool:
+    """Whether ``task_id`` satisfies Cloud Tasks' task ID rules."""
+    return bool(_TASK_ID.match(task_id))
+
+
+def queue_id_for(name: str, *, prefix: str = "") -> str:
+    """Map a Celery queue name to a Cloud Tasks queue ID (``[A-Za-z0-9-]``, <= 100).
+
+    Underscores and dots become hyphens; any other character is an error, as
+    is a result that is empty or too long: a silently mangled queue name would
+    send tasks somewhere nobody looks.
+    """
+    candidate = (prefix + name).replace("_", "-").replace(".", "-")
+    if not _QUEUE_ID.match(candidate):
+        raise ConfigurationError(
+            f"cannot map Celery queue {name!r} (prefix {prefix!r}) to a Cloud Tasks queue ID: "
+            f"{candidate!r} must be 1-{MAX_QUEUE_ID_LENGTH} characters of [A-Za-z0-9-]; "
+            "use queue_map to name it explicitly"
+        )
+    return candidate
