@@ -7,6 +7,7 @@ Google API errors are translated into it at one boundary
     CloudTasksError
     ├── ConfigurationError        settings missing, contradictory, or an extra not installed
     ├── UnsupportedOperation      remote control, events, rpc:// results, consuming
+    ├── RoutingError              a message cannot be routed (bad tenant, unbound exchange)
     ├── EnqueueError              a task could not be created (carries the task name)
     │   ├── PayloadTooLarge       the envelope is over the Cloud Tasks size limit (no RPC made)
     │   ├── QueueNotFound         the Cloud Tasks queue does not exist
@@ -37,6 +38,7 @@ __all__ = [
     "PayloadTooLarge",
     "PermissionDenied",
     "QueueNotFound",
+    "RoutingError",
     "TransientEnqueueError",
     "UnsupportedOperation",
 ]
@@ -52,6 +54,10 @@ class ConfigurationError(CloudTasksError):
 
 class UnsupportedOperation(CloudTasksError):
     """The operation needs a broker feature Cloud Tasks does not have."""
+
+
+class RoutingError(CloudTasksError):
+    """A message cannot be routed to a queue; nothing was published."""
 
 
 class EnqueueError(CloudTasksError):

@@ -54,6 +54,11 @@ _KNOWN = {
     "polling_interval",
     "body_encoding",
     "visibility_timeout",
+    "max_retries",
+    "interval_start",
+    "interval_step",
+    "interval_max",
+    "confirm_publish",
 }
 
 
