@@ -8,7 +8,7 @@ Features
 ========
 * Type: Virtual, send-only (no consumers: tasks run in the push endpoint)
 * Supports Direct: Yes (Celery's default routing, ``task_routes``, ``queue=``)
-* Supports Topic: publish only, to bound queues
+* Supports Topic: publish only, to bound queues; Celery events are discarded with a warning
 * Supports Fanout: No (remote control and broadcast raise ``UnsupportedOperation``)
 * Supports Priority: through ``priority_queues`` (one Cloud Tasks queue per level)
 * Supports TTL: ``expires`` is honoured by the endpoint (REVOKED)
@@ -69,6 +69,7 @@ cloudtasks_dispatch_deadline=..., cloudtasks_idempotency_key=...)``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kombu.transport import virtual
@@ -78,6 +79,8 @@ from .publisher import Publisher
 from .settings import TransportSettings, parse_broker_url
 
 __all__ = ["SEND_ONLY", "Channel", "Transport"]
+
+logger = logging.getLogger(__name__)
 
 SEND_ONLY = (
     "the cloudtasks transport is send-only: Cloud Tasks pushes each task to the HTTP endpoint "
@@ -111,15 +114,27 @@ class Channel(virtual.Channel):
             )
         queues = self._lookup(exchange, routing_key)
         if not queues:
-            what = "Celery events" if exchange == "celeryev" else "this message"
+            headers = message.get("headers") or {}
+            if "task" not in headers and "id" not in headers:
+                self._warn_event_dropped(exchange)
+                return None
             raise RoutingError(
-                f"{what} sent to exchange {exchange!r} with routing key {routing_key!r} matches "
-                "no queue and would be dropped; Cloud Tasks carries task messages only "
-                "(disable task_send_sent_event and worker_send_task_events)"
+                f"task message sent to exchange {exchange!r} with routing key {routing_key!r} "
+                "matches no queue and would be dropped; route it to a queue (queue=...)"
             )
         for queue in queues:
             self._put(queue, message)
         return None
+
+    def _warn_event_dropped(self, exchange: str) -> None:
+        if not getattr(self, "_event_warning_given", False):
+            self._event_warning_given = True
+            logger.warning(
+                "Celery events (exchange %r) cannot travel over Cloud Tasks and are discarded; "
+                "disable task_send_sent_event and worker_send_task_events. Task messages are "
+                "never discarded.",
+                exchange,
+            )
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         self.publisher.publish(queue, message)
