@@ -18,6 +18,7 @@ re-running the whole batch is safe, because names are idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -97,10 +98,8 @@ def dispatch_batch(max_in_flight: int = 32) -> Iterator[DispatchBatch]:
         yield batch
     except BaseException:
         _current.reset(token)
-        try:
+        with contextlib.suppress(BatchEnqueueError):  # the body's own error is reported
             batch.wait()
-        except BatchEnqueueError:
-            pass  # the body's own error is the one to report
         raise
     else:
         _current.reset(token)

@@ -69,9 +69,7 @@ def make_client(emulator_host: str | None = None) -> Any:
             )
 
             channel = grpc.insecure_channel(emulator_host)
-            transport = CloudTasksGrpcTransport(
-                channel=channel, credentials=AnonymousCredentials()
-            )
+            transport = CloudTasksGrpcTransport(channel=channel, credentials=AnonymousCredentials())
             client = tasks_v2.CloudTasksClient(transport=transport)
         else:
             client = tasks_v2.CloudTasksClient()
@@ -122,6 +120,7 @@ class CloudTasksDispatcher:
         self.queue_path = settings.queue_path(queue_id)
         self._client = client
         self._stats_supported: bool | None = None
+        self._create_retry: Any = None
 
     @property
     def queue_name(self) -> str:
@@ -134,16 +133,19 @@ class CloudTasksDispatcher:
         return self._client
 
     def _retry(self) -> Any:
+        if self._create_retry is not None:
+            return self._create_retry
         from google.api_core import exceptions as gexc
         from google.api_core import retry as gretry
 
-        return gretry.Retry(
+        self._create_retry = gretry.Retry(
             predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded),
             initial=0.1,
             maximum=2.0,
             multiplier=2.0,
             timeout=self.settings.create_retry_deadline_seconds,
         )
+        return self._create_retry
 
     def build_task(self, envelope: TaskEnvelope, options: EnqueueOptions) -> dict[str, Any]:
         """The ``Task`` (as a dict the client accepts) for this envelope."""
@@ -307,7 +309,9 @@ class CloudTasksDispatcher:
 
         depth = self._count_tasks()
         try:
-            self.client.purge_queue(name=self.queue_path, timeout=self.settings.create_timeout_seconds)
+            self.client.purge_queue(
+                name=self.queue_path, timeout=self.settings.create_timeout_seconds
+            )
         except gexc.GoogleAPICallError as exc:
             raise translate_api_error(exc, task_name=None, queue=self.queue_path) from exc
         return depth
@@ -322,5 +326,3 @@ def retry_config_to_api(retry: RetryConfig) -> dict[str, Any]:
         "max_retry_duration": retry.max_retry_duration,
         "max_doublings": retry.max_doublings,
     }
-
-

@@ -101,9 +101,7 @@ class TaskEnvelope:
             raise EnvelopeError(f"envelope.message must be an object with keys {_MESSAGE_KEYS}")
         if not isinstance(message["body"], str):
             raise EnvelopeError("envelope.message.body must be a string")
-        if not isinstance(message["headers"], dict) or not isinstance(
-            message["properties"], dict
-        ):
+        if not isinstance(message["headers"], dict) or not isinstance(message["properties"], dict):
             raise EnvelopeError("envelope.message headers and properties must be objects")
         for key in ("content-type", "content-encoding"):
             if message[key] is not None and not isinstance(message[key], str):

@@ -245,9 +245,9 @@ class InMemoryTaskQueue:
             if self.retry.is_final_attempt(task.retry_count, elapsed):
                 self._finish(task, self.exhausted)
             else:
-                task.schedule_time = self.clock() + self.retry.backoff(
-                    task.retry_count + 1
-                ).total_seconds()
+                task.schedule_time = (
+                    self.clock() + self.retry.backoff(task.retry_count + 1).total_seconds()
+                )
                 task.retry_count += 1
         return status
 
@@ -321,8 +321,11 @@ class InMemoryCloudTasks:
 
     def next_schedule_time(self) -> float | None:
         times = [
-            t for q in list(self.queues.values()) if not q.paused
-            for t in [q.next_schedule_time()] if t is not None
+            t
+            for q in list(self.queues.values())
+            if not q.paused
+            for t in [q.next_schedule_time()]
+            if t is not None
         ]
         return min(times) if times else None
 

@@ -22,6 +22,7 @@ collected on scrape through registered callables and cached for
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from typing import Any, Protocol, runtime_checkable
 from .errors import ConfigurationError
 
 __all__ = ["DispatchMetrics", "NullMetrics", "PrometheusMetrics", "resolve_metrics"]
+
+logger = logging.getLogger(__name__)
 
 CREATED = "created"
 DEDUPLICATED = "deduplicated"
@@ -72,12 +75,16 @@ class PrometheusMetrics:
             import prometheus_client as prom
         except ImportError as exc:
             raise ConfigurationError(
-                "PrometheusMetrics needs prometheus_client: pip install 'celery-cloudtasks[metrics]'"
+                "PrometheusMetrics needs prometheus_client: "
+                "pip install 'celery-cloudtasks[metrics]'"
             ) from exc
         self.registry = registry if registry is not None else prom.REGISTRY
         kw: dict[str, Any] = {"registry": self.registry}
         self.dispatches = prom.Counter(
-            "celery_cloudtasks_dispatches", "Tasks handed to Cloud Tasks", ["queue", "outcome"], **kw
+            "celery_cloudtasks_dispatches",
+            "Tasks handed to Cloud Tasks",
+            ["queue", "outcome"],
+            **kw,
         )
         self.dispatch_latency = prom.Histogram(
             "celery_cloudtasks_dispatch_latency_seconds",
@@ -137,7 +144,9 @@ class _DepthCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         family = GaugeMetricFamily(
-            "celery_cloudtasks_queue_depth", "Tasks waiting in the queue (estimate)", labels=["queue"]
+            "celery_cloudtasks_queue_depth",
+            "Tasks waiting in the queue (estimate)",
+            labels=["queue"],
         )
         now = time.monotonic()
         with self._lock:
@@ -148,6 +157,7 @@ class _DepthCollector:
                 try:
                     cached = (now, float(source()))
                 except Exception:  # a failing source must not break the scrape
+                    logger.warning("queue depth of %s unavailable", queue, exc_info=True)
                     continue
                 self._cache[queue] = cached
             family.add_metric([queue], cached[1])

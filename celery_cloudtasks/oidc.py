@@ -1,34 +1,30 @@
 """Verify the OIDC token Cloud Tasks attaches to every push delivery.
 
-Anyone who can reach the push endpoint can forge the ``X-CloudTasks-*``
-headers; identity comes only from the ``Authorization: Bearer`` token. For
-each request :class:`OidcVerifier` checks, failing closed on any doubt:
+``X-CloudTasks-*`` headers can be forged by any caller; identity comes only from
+the ``Authorization: Bearer`` token. :class:`OidcVerifier` fails closed:
 
-- the header is ``Bearer <JWT>`` (else :class:`~celery_cloudtasks.errors.MissingToken`);
-- the JWT is well formed, ``alg`` is exactly ``RS256`` (no ``none``, no HMAC),
-  its ``kid`` names a current Google signing key and the signature verifies;
-  ``iat``/``exp`` hold within ``clock_skew_seconds``; ``aud`` equals the
-  configured audience (always checked: Cloud Tasks defaults it to the target
-  URL, a classic source of mismatches); ``iss`` is a Google issuer (google-auth
-  does not check it) - else :class:`~celery_cloudtasks.errors.InvalidToken`;
-- ``email_verified`` is true and ``email`` is an allowed service account (else
-  :class:`~celery_cloudtasks.errors.ForbiddenIdentity`). With
-  ``allowed_service_accounts=None`` any verified email passes: only the
-  audience then ties the token to this service.
+- ``MissingToken``: no ``Bearer <token>`` header.
+- ``InvalidToken``: malformed JWT; ``alg`` other than ``RS256`` (no ``none``, no
+  HMAC); unknown ``kid``; bad signature; ``iat``/``exp`` outside
+  ``clock_skew_seconds``; ``aud`` not the configured audience (always checked:
+  Cloud Tasks defaults it to the target URL, a classic 401 cause); ``iss`` not a
+  Google issuer (google-auth does not check it).
+- ``ForbiddenIdentity``: ``email_verified`` not true, or ``email`` not in
+  ``allowed_service_accounts`` (case-insensitive). ``None`` allows any verified
+  email: only the audience then ties the token to this service.
+- ``CertificatesUnavailable`` (an ``InvalidToken``, ``retryable``, HTTP 503):
+  Google's certificates could not be fetched.
 
-Google's public certificates are fetched from ``certs_url`` at most once per
+Certificates are fetched from ``certs_url`` at most once per
 ``min(certs_cache_seconds, Cache-Control max-age)`` (the setting is an upper
-bound; the server may only shorten it), and once more immediately when a token
-names an unknown ``kid`` (key rotation), at most once per
-``kid_refetch_interval_seconds``. Unreachable certificates raise
-:class:`CertificatesUnavailable` (an ``InvalidToken`` with ``retryable = True``
-and ``status_code = 503``). Messages never echo the token.
-
-google-auth is imported only here, lazily (the ``gcp`` extra).
+bound), and again at once when a token names an unknown ``kid`` (key rotation),
+at most once per ``kid_refetch_interval_seconds``. Messages never echo the token.
+google-auth (the ``gcp`` extra) is imported only here, lazily.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -37,7 +33,7 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import ConfigurationError, ForbiddenIdentity, InvalidToken, MissingToken
 
@@ -88,8 +84,8 @@ class VerifiedIdentity:
 
 def _require_google_auth() -> None:
     try:
-        import google.auth.jwt  # noqa: F401
-        import google.auth.transport.requests  # noqa: F401
+        for module in ("google.auth.jwt", "google.auth.transport.requests"):
+            importlib.import_module(module)
     except ImportError as exc:
         raise ConfigurationError(
             "OIDC verification needs google-auth: pip install celery-cloudtasks[gcp]"
@@ -168,7 +164,7 @@ class OidcVerifier:
             raise InvalidToken("wrong issuer")
         email, subject = claims.get("email"), claims.get("sub")
         iat, exp = claims.get("iat"), claims.get("exp")
-        if not isinstance(subject, str) or not all(_is_time(v) for v in (iat, exp)):
+        if not (isinstance(subject, str) and _is_time(iat) and _is_time(exp)):
             raise InvalidToken("malformed claims")
         if not isinstance(email, str) or claims.get("email_verified") is not True:
             raise ForbiddenIdentity("token has no verified email")
@@ -188,8 +184,9 @@ class OidcVerifier:
         """Check signature, iat/exp and aud: the one place google-auth errors are translated."""
         from google.auth import jwt
 
+        decode: Any = jwt.decode  # google-auth is typed but its functions are not annotated
         try:
-            claims = jwt.decode(
+            claims = decode(
                 token,
                 certs={kid: cert},
                 audience=self.audience,
@@ -216,7 +213,9 @@ class OidcVerifier:
         with self._lock:
             now = time.monotonic()
             if self._attempt_done_at >= waited_from:  # another thread fetched while we waited
-                return self._cached_or_raise()
+                if now < self._expires_at or self._last_error is None:
+                    return self._certs
+                raise CertificatesUnavailable(self._last_error)
             if force:
                 if now - self._kid_refetch_at < self.kid_refetch_interval_seconds:
                     return self._certs
@@ -233,12 +232,6 @@ class OidcVerifier:
             self._certs, self._last_error = certs, None
             self._expires_at = time.monotonic() + ttl
             return certs
-
-    def _cached_or_raise(self) -> dict[str, str]:
-        """After another thread's fetch: fresh certs if any, else that fetch's failure."""
-        if time.monotonic() < self._expires_at or self._last_error is None:
-            return self._certs
-        raise CertificatesUnavailable(self._last_error)
 
     def _fetch(self) -> tuple[dict[str, str], float]:
         """GET the certs JSON; return ({kid: PEM}, seconds to cache it)."""
@@ -259,9 +252,7 @@ class OidcVerifier:
             certs = json.loads(response.data)
         except ValueError:
             certs = None
-        if not isinstance(certs, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in certs.items()
-        ):
+        if not (isinstance(certs, dict) and all(isinstance(v, str) for v in certs.values())):
             raise CertificatesUnavailable("signing certificates: unexpected response body")
         ttl = self.certs_cache_seconds
         match = _MAX_AGE.search(response.headers.get("Cache-Control", "") or "")
@@ -282,8 +273,9 @@ def _bearer_token(header: object) -> str:
 def _unverified_header(token: str) -> Mapping[str, Any]:
     from google.auth import jwt
 
+    decode_header: Any = jwt.decode_header
     try:
-        header = jwt.decode_header(token)
+        header = decode_header(token)
     except Exception:  # bad base64, bad JSON, bad UTF-8: all "malformed"
         raise InvalidToken("malformed token") from None
     if not isinstance(header, Mapping):
@@ -291,7 +283,7 @@ def _unverified_header(token: str) -> Mapping[str, Any]:
     return header
 
 
-def _is_time(value: object) -> bool:
+def _is_time(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

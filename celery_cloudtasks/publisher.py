@@ -27,7 +27,7 @@ from .routing import QueueRouter
 from .settings import TransportSettings
 from .types import EnqueueOptions, EnqueueResult
 
-__all__ = ["CALL_OPTIONS", "Publisher", "PublishedTask"]
+__all__ = ["CALL_OPTIONS", "PublishedTask", "Publisher"]
 
 logger = logging.getLogger("celery_cloudtasks.publish")
 

@@ -34,7 +34,9 @@ class QueueRouter:
         self._cache: dict[tuple[str, int], str] = {}
         for suffix in settings.priority_queues.values():
             if not re.fullmatch(r"[A-Za-z0-9-]{1,40}", suffix):
-                raise ConfigurationError(f"priority_queues suffix {suffix!r} must match [A-Za-z0-9-]")
+                raise ConfigurationError(
+                    f"priority_queues suffix {suffix!r} must match [A-Za-z0-9-]"
+                )
 
     def queue_id(self, celery_queue: str, priority: int | None = None) -> str:
         key = (celery_queue, priority or 0)
@@ -42,8 +44,10 @@ class QueueRouter:
         if cached is not None:
             return cached
         mapped = self.settings.queue_map.get(celery_queue)
-        base = mapped if mapped is not None else queue_id_for(
-            celery_queue, prefix=self.settings.queue_name_prefix
+        base = (
+            mapped
+            if mapped is not None
+            else queue_id_for(celery_queue, prefix=self.settings.queue_name_prefix)
         )
         for threshold, suffix in self._thresholds:
             if priority is not None and priority >= threshold:

@@ -22,7 +22,9 @@ def _as_timedelta(name: str, value: Any) -> timedelta:
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return timedelta(seconds=value)
-    raise ConfigurationError(f"retry.{name} must be seconds (a number) or a timedelta, got {value!r}")
+    raise ConfigurationError(
+        f"retry.{name} must be seconds (a number) or a timedelta, got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,12 @@ class RetryConfig:
         if retry_count <= 0:
             return self.min_backoff
         doublings = min(retry_count - 1, self.max_doublings)
-        delay = self.min_backoff * (2**doublings)
+        delay: timedelta = self.min_backoff * (2**doublings)
         if retry_count - 1 > self.max_doublings:
-            delay += self.min_backoff * (2**self.max_doublings) * (retry_count - 1 - self.max_doublings)
-        return min(delay, self.max_backoff)
+            delay += (
+                self.min_backoff * (2**self.max_doublings) * (retry_count - 1 - self.max_doublings)
+            )
+        return delay if delay < self.max_backoff else self.max_backoff
 
     def is_final_attempt(self, retry_count: int, elapsed: timedelta) -> bool:
         """Whether Cloud Tasks would give up if the attempt numbered ``retry_count`` fails.

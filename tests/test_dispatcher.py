@@ -61,7 +61,11 @@ class GoogleService:
 
 def settings(**options: Any) -> TransportSettings:
     return TransportSettings.from_options(
-        {"push_url": "https://w.run.app/_cloudtasks", "create_retry_deadline_seconds": 2, **options},
+        {
+            "push_url": "https://w.run.app/_cloudtasks",
+            "create_retry_deadline_seconds": 2,
+            **options,
+        },
         broker_url="cloudtasks://projects/p/locations/l",
         environ={},
     )

@@ -81,7 +81,9 @@ def test_too_large_is_refused_before_anything_is_created(queue: TaskQueue) -> No
 
 def test_distinct_attempts_are_distinct_tasks(queue: TaskQueue) -> None:
     names = {
-        queue.enqueue(envelope("x"), EnqueueOptions(f"r/x/{n}", URL, schedule_time=later())).task_name
+        queue.enqueue(
+            envelope("x"), EnqueueOptions(f"r/x/{n}", URL, schedule_time=later())
+        ).task_name
         for n in range(3)
     }
     assert len(names) == 3

@@ -253,7 +253,9 @@ def test_task_message_to_an_unbound_exchange_is_refused() -> None:
         producer.channel.exchange_declare("orphans", "topic")
         with pytest.raises(RoutingError, match="would be dropped"):
             producer.publish(
-                {}, exchange=Exchange("orphans", "topic"), routing_key="nowhere",
+                {},
+                exchange=Exchange("orphans", "topic"),
+                routing_key="nowhere",
                 headers={"id": "x", "task": "t"},
             )
     assert memory.all_tasks() == []

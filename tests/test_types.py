@@ -123,7 +123,9 @@ def _message() -> dict[str, object]:
 def test_envelope_round_trip() -> None:
     envelope = TaskEnvelope(message=_message(), queue="celery", published_at=5.0, scheduled_at=9)
     back = TaskEnvelope.from_json(envelope.to_json())
-    assert back == TaskEnvelope(message=_message(), queue="celery", published_at=5.0, scheduled_at=9)
+    assert back == TaskEnvelope(
+        message=_message(), queue="celery", published_at=5.0, scheduled_at=9
+    )
     assert (back.task_id, back.task_name, back.root_id, back.retries) == ("i", "t", "r", 2)
     assert back.first_dispatch_at == 9
 
