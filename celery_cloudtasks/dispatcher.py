@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .envelope import TaskEnvelope
@@ -36,7 +38,13 @@ from .naming import task_id_for
 from .settings import TransportSettings
 from .types import EnqueueOptions, EnqueueResult, RetryConfig
 
-__all__ = ["CloudTasksDispatcher", "make_client", "translate_api_error"]
+__all__ = [
+    "CloudTasksDispatcher",
+    "make_client",
+    "retry_config_to_api",
+    "translate_api_error",
+    "translated_errors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,17 @@ def make_client(emulator_host: str | None = None) -> Any:
             client = tasks_v2.CloudTasksClient()
         _clients[emulator_host] = client
         return client
+
+
+@contextmanager
+def translated_errors(queue: str, *, task_name: str | None = None) -> Iterator[None]:
+    """Run Cloud Tasks calls, turning Google API errors into library errors."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        yield
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        raise translate_api_error(exc, task_name=task_name, queue=queue) from exc
 
 
 def translate_api_error(exc: Exception, *, task_name: str | None, queue: str) -> EnqueueError:
@@ -229,17 +248,14 @@ class CloudTasksDispatcher:
 
     def apply_retry_config(self, retry: RetryConfig) -> None:
         """``update_queue`` with a ``retry_config`` field mask (creates a missing queue)."""
-        from google.api_core import exceptions as gexc
 
         queue = {"name": self.queue_path, "retry_config": retry_config_to_api(retry)}
-        try:
+        with translated_errors(self.queue_path):
             self.client.update_queue(
                 queue=queue,
                 update_mask={"paths": ["retry_config"]},
                 timeout=self.settings.create_timeout_seconds,
             )
-        except gexc.GoogleAPICallError as exc:
-            raise translate_api_error(exc, task_name=None, queue=self.queue_path) from exc
 
     def queue_depth(self) -> int:
         """Estimated tasks in the queue (see :meth:`_count_tasks` for the fallback)."""
@@ -288,10 +304,9 @@ class CloudTasksDispatcher:
 
     def _count_tasks(self) -> int:
         """Count ``list_tasks`` pages (1000 per page), at most ``queue_depth_max_pages``."""
-        from google.api_core import exceptions as gexc
 
         count = 0
-        try:
+        with translated_errors(self.queue_path):
             pager = self.client.list_tasks(
                 request={"parent": self.queue_path, "page_size": 1000, "response_view": "BASIC"},
                 timeout=self.settings.create_timeout_seconds,
@@ -300,8 +315,6 @@ class CloudTasksDispatcher:
                 count += len(page.tasks)
                 if pages >= self.settings.queue_depth_max_pages:
                     break
-        except gexc.GoogleAPICallError as exc:
-            raise translate_api_error(exc, task_name=None, queue=self.queue_path) from exc
         return count
 
     def purge(self) -> int:
