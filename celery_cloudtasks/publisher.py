@@ -25,6 +25,7 @@ from .naming import idempotency_key
 from .queue import TaskQueue
 from .routing import QueueRouter
 from .settings import TransportSettings
+from .tracing import TRACEPARENT, current_traceparent
 from .types import EnqueueOptions, EnqueueResult
 
 __all__ = ["CALL_OPTIONS", "PublishedTask", "Publisher"]
@@ -140,6 +141,11 @@ class Publisher:
         key = overrides.get("idempotency_key") or idempotency_key(
             str(headers.get("root_id") or task_id), task_id, int(headers.get("retries") or 0)
         )
+        http_headers: dict[str, str] = {}
+        traceparent = current_traceparent(headers)
+        if traceparent is not None:
+            headers[TRACEPARENT] = traceparent
+            http_headers[TRACEPARENT] = traceparent
         envelope = TaskEnvelope(
             message=message,
             queue=celery_queue,
@@ -153,6 +159,7 @@ class Publisher:
             dispatch_deadline=_deadline_from(headers, overrides.get("dispatch_deadline"))
             or self.settings.dispatch_deadline,
             oidc=self.settings.oidc_for(queue_id),
+            headers=http_headers,
         )
         return PublishedTask(queue_id, envelope, options)
 
