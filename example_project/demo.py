@@ -112,7 +112,9 @@ def make_orders(tenant: str, count: int) -> list[dict[str, Any]]:
     return [
         {
             "id": base + i,
-            "items": [{"sku": f"sku-{i % 13}", "qty": 1 + i % 3, "price_cents": 199 + 10 * (i % 17)}],
+            "items": [
+                {"sku": f"sku-{i % 13}", "qty": 1 + i % 3, "price_cents": 199 + 10 * (i % 17)}
+            ],
         }
         for i in range(count)
     ]
@@ -161,20 +163,33 @@ def main() -> int:
         from shop.tasks import daily_report, order_pipeline, sync_legacy_erp
 
         recorder = LatencyRecorder()
-        app.conf.broker_transport_options = {**app.conf.broker_transport_options, "metrics": recorder}
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "metrics": recorder,
+        }
         queue_ids = [f"{prefix}tenant-{t}{s}" for t in TENANTS for s in ("", "-high")]
         queue_ids += [f"{prefix}reports", f"{prefix}celery"]
         for queue_id in [*queue_ids, "shop-dead-letters"]:
-            client.create_queue(parent=parent, queue={"name": f"{parent}/queues/{queue_id}"}, timeout=5)
+            client.create_queue(
+                parent=parent, queue={"name": f"{parent}/queues/{queue_id}"}, timeout=5
+            )
         client.pause_queue(name=f"{parent}/queues/shop-dead-letters", timeout=5)
 
         web = stack.enter_context(
             process(
                 [
                     str(Path(sys.executable).with_name("gunicorn")),
-                    "--bind", f"127.0.0.1:{web_port}",
-                    "--workers", "2", "--worker-class", "gthread", "--threads", "8",
-                    "--log-level", "warning", "wsgi:app",
+                    "--bind",
+                    f"127.0.0.1:{web_port}",
+                    "--workers",
+                    "2",
+                    "--worker-class",
+                    "gthread",
+                    "--threads",
+                    "8",
+                    "--log-level",
+                    "warning",
+                    "wsgi:app",
                 ],
                 log=workdir / "endpoint.log",
                 env=env,
@@ -182,20 +197,42 @@ def main() -> int:
             )
         )
         wait_until(
-            lambda: urllib.request.urlopen(  # noqa: S310 - loopback
-                f"http://127.0.0.1:{web_port}/metrics", timeout=2
-            ).status == 200,
+            lambda: (
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{web_port}/metrics", timeout=2
+                ).status
+                == 200
+            ),
             "push endpoint",
         )
         print(f"push endpoint (gunicorn, pid {web.pid}) on 127.0.0.1:{web_port}\n")
-        return run_workload(app, args, recorder, client, parent, web_port,
-                            order_pipeline, daily_report, sync_legacy_erp, queue_ids)
+        return run_workload(
+            app,
+            args,
+            recorder,
+            client,
+            parent,
+            web_port,
+            order_pipeline,
+            daily_report,
+            sync_legacy_erp,
+            queue_ids,
+        )
     return 1
 
 
-def run_workload(app: Any, args: Any, recorder: LatencyRecorder, client: Any, parent: str,
-                 web_port: int, order_pipeline: Any, daily_report: Any, sync_legacy_erp: Any,
-                 queue_ids: list[str]) -> int:
+def run_workload(
+    app: Any,
+    args: Any,
+    recorder: LatencyRecorder,
+    client: Any,
+    parent: str,
+    web_port: int,
+    order_pipeline: Any,
+    daily_report: Any,
+    sync_legacy_erp: Any,
+    queue_ids: list[str],
+) -> int:
     from celery_cloudtasks import dispatch_batch
 
     tracked: dict[str, tuple[str, Any]] = {}  # kind/tenant -> results
@@ -204,15 +241,23 @@ def run_workload(app: Any, args: Any, recorder: LatencyRecorder, client: Any, pa
         for tenant in TENANTS:
             orders = make_orders(tenant, args.orders)
             for order in orders:
-                tracked[f"order {order['id']}"] = (f"{tenant}: orders", order_pipeline(order, tenant).apply_async())
-            tracked[f"report {tenant}"] = (f"{tenant}: report", daily_report(orders, tenant).apply_async())
+                tracked[f"order {order['id']}"] = (
+                    f"{tenant}: orders",
+                    order_pipeline(order, tenant).apply_async(),
+                )
+            tracked[f"report {tenant}"] = (
+                f"{tenant}: report",
+                daily_report(orders, tenant).apply_async(),
+            )
             for i in range(args.failing):
                 result = sync_legacy_erp.apply_async((i,), kwargs={"tenant_id": tenant})
                 tracked[f"erp {tenant} {i}"] = (f"{tenant}: legacy ERP", result)
     dispatched_in = time.monotonic() - started
     total_dispatches = sum(recorder.outcomes.values())
-    print(f"dispatched {total_dispatches} tasks in {dispatched_in:.1f} s "
-          f"({len(tracked)} pipelines, reports and failing syncs)")
+    print(
+        f"dispatched {total_dispatches} tasks in {dispatched_in:.1f} s "
+        f"({len(tracked)} pipelines, reports and failing syncs)"
+    )
 
     expected_dead = args.failing * len(TENANTS)
 
@@ -238,8 +283,11 @@ def run_workload(app: Any, args: Any, recorder: LatencyRecorder, client: Any, pa
                 live.update(_render(counts, dead, time.monotonic() - started))
             else:
                 ok = sum(n for (_g, s), n in counts.items() if s == "SUCCESS")
-                print(f"  {time.monotonic() - started:5.1f} s  {ok}/{len(tracked)} succeeded, "
-                      f"{dead} dead letters", flush=True)
+                print(
+                    f"  {time.monotonic() - started:5.1f} s  {ok}/{len(tracked)} succeeded, "
+                    f"{dead} dead letters",
+                    flush=True,
+                )
             time.sleep(0.5 if live is not None else 2.0)
             counts, dead = snapshot(), dead_letters()
     finally:
@@ -248,7 +296,9 @@ def run_workload(app: Any, args: Any, recorder: LatencyRecorder, client: Any, pa
             live.stop()
     elapsed = time.monotonic() - started
     metrics = _scrape(web_port)
-    ok = print_summary(counts, dead, expected_dead, recorder, metrics, elapsed, client, parent, queue_ids)
+    ok = print_summary(
+        counts, dead, expected_dead, recorder, metrics, elapsed, client, parent, queue_ids
+    )
     return 0 if ok else 1
 
 
@@ -277,9 +327,13 @@ def _scrape(port: int) -> dict[str, float]:
     """Sum the endpoint's Prometheus counters by metric name and outcome label."""
     totals: Counter[str] = Counter()
     try:
-        text = urllib.request.urlopen(  # noqa: S310 - loopback
-            f"http://127.0.0.1:{port}/metrics", timeout=5
-        ).read().decode()
+        text = (
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5
+            )
+            .read()
+            .decode()
+        )
     except OSError:
         return {}
     for line in text.splitlines():
@@ -292,9 +346,17 @@ def _scrape(port: int) -> dict[str, float]:
     return dict(totals)
 
 
-def print_summary(counts: Counter[tuple[str, str]], dead: int, expected_dead: int,
-                  recorder: LatencyRecorder, metrics: dict[str, float], elapsed: float,
-                  client: Any, parent: str, queue_ids: list[str]) -> bool:
+def print_summary(
+    counts: Counter[tuple[str, str]],
+    dead: int,
+    expected_dead: int,
+    recorder: LatencyRecorder,
+    metrics: dict[str, float],
+    elapsed: float,
+    client: Any,
+    parent: str,
+    queue_ids: list[str],
+) -> bool:
     print("\n== summary ==")
     print(f"{'group':<22}{'state':<10}{'count':>7}")
     for (group_name, state), n in sorted(counts.items()):
@@ -311,15 +373,18 @@ def print_summary(counts: Counter[tuple[str, str]], dead: int, expected_dead: in
     print(
         f"\ndispatches: {sum(recorder.outcomes.values())} "
         f"({dict(recorder.outcomes)}); latency ms p50 {percentile(lat, 50):.1f}, "
-        f"p90 {percentile(lat, 90):.1f}, p99 {percentile(lat, 99):.1f}, max {max(lat, default=0):.1f}"
+        f"p90 {percentile(lat, 90):.1f}, p99 {percentile(lat, 99):.1f}, "
+        f"max {max(lat, default=0):.1f}"
     )
     succeeded = sum(n for (g, s), n in counts.items() if s == "SUCCESS" and "ERP" not in g)
     wanted = sum(n for (g, _s), n in counts.items() if "ERP" not in g)
     failed_as_designed = sum(n for (g, s), n in counts.items() if s == "FAILURE" and "ERP" in g)
     ok = succeeded == wanted and failed_as_designed == expected_dead and dead == expected_dead
-    print(f"\n{succeeded}/{wanted} pipelines and reports succeeded, "
-          f"{failed_as_designed}/{expected_dead} failing syncs dead-lettered, "
-          f"{elapsed:.1f} s: {'OK' if ok else 'INCOMPLETE'}")
+    print(
+        f"\n{succeeded}/{wanted} pipelines and reports succeeded, "
+        f"{failed_as_designed}/{expected_dead} failing syncs dead-lettered, "
+        f"{elapsed:.1f} s: {'OK' if ok else 'INCOMPLETE'}"
+    )
     return ok
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-from celery_cloudtasks.flask import create_app
 from shop import app as celery_app
+
+from celery_cloudtasks.flask import create_app
 
 app = create_app(
     celery_app,

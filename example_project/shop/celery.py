@@ -1,17 +1,19 @@
 """The Celery app, configured from the environment (12-factor, as on Cloud Run).
 
-=================================  ==============================================  ====================
-variable                           meaning                                         local default
-=================================  ==============================================  ====================
-``SHOP_BROKER_URL``                ``cloudtasks://projects/P/locations/L``          local-project/local
-``SHOP_PUSH_URL``                  URL of the push endpoint                         127.0.0.1:8080
-``SHOP_OIDC_SERVICE_ACCOUNT``      account Cloud Tasks signs deliveries with        (unset: no OIDC)
-``SHOP_OIDC_AUDIENCE``             audience of those tokens                         the push URL
-``SHOP_VERIFY_OIDC``               ``0`` turns verification off (local only!)       ``1``
-``SHOP_RESULT_BACKEND``            Celery result backend                            SQLite file
-``SHOP_MAX_ATTEMPTS``              Cloud Tasks attempts per task                    ``5``
-``CLOUD_TASKS_EMULATOR_HOST``      ``host:port`` of a local Cloud Tasks emulator    (unset: Google)
-=================================  ==============================================  ====================
+=============================  ================================================
+variable                       meaning (local default)
+=============================  ================================================
+``SHOP_BROKER_URL``            ``cloudtasks://projects/P/locations/L``
+                               (local-project / local)
+``SHOP_PUSH_URL``              push endpoint URL (http://127.0.0.1:8080/_cloudtasks)
+``SHOP_OIDC_SERVICE_ACCOUNT``  account Cloud Tasks signs deliveries with (no OIDC)
+``SHOP_OIDC_AUDIENCE``         audience of those tokens (the push URL)
+``SHOP_VERIFY_OIDC``           ``0`` turns verification off, local only (``1``)
+``SHOP_RESULT_BACKEND``        Celery result backend (SQLite file)
+``SHOP_MAX_ATTEMPTS``          Cloud Tasks attempts per task (``5``)
+``SHOP_METRICS``               ``1``: Prometheus metrics and ``/metrics`` (``1``)
+``CLOUD_TASKS_EMULATOR_HOST``  ``host:port`` of a local emulator (unset: Google)
+=============================  ================================================
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ app.conf.update(
         "metrics": "prometheus" if env("SHOP_METRICS", "1") == "1" else None,
     },
     task_routes=(
-        {"shop.tasks.line_total": {"queue": "reports"}, "shop.tasks.compile_report": {"queue": "reports"}},
+        {
+            "shop.tasks.line_total": {"queue": "reports"},
+            "shop.tasks.compile_report": {"queue": "reports"},
+        },
         TenantRouter(allowed={"acme", "globex"}),
     ),
     task_serializer="json",

@@ -47,7 +47,9 @@ def validate_order(self: Task, order: dict[str, Any], *, tenant_id: str) -> dict
 @app.task(bind=True, max_retries=3)
 def charge_payment(self: Task, order: dict[str, Any], *, tenant_id: str) -> dict[str, Any]:
     if order["id"] % 5 == 0 and self.request.retries == 0:
-        raise self.retry(exc=GatewayTimeout(f"gateway timeout for order {order['id']}"), countdown=1)
+        raise self.retry(
+            exc=GatewayTimeout(f"gateway timeout for order {order['id']}"), countdown=1
+        )
     return {**order, "charged": True, "payment_attempts": self.request.retries + 1}
 
 
