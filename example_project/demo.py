@@ -198,9 +198,7 @@ def main() -> int:
         )
         wait_until(
             lambda: (
-                urllib.request.urlopen(
-                    f"http://127.0.0.1:{web_port}/metrics", timeout=2
-                ).status
+                urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=2).status
                 == 200
             ),
             "push endpoint",
@@ -327,13 +325,7 @@ def _scrape(port: int) -> dict[str, float]:
     """Sum the endpoint's Prometheus counters by metric name and outcome label."""
     totals: Counter[str] = Counter()
     try:
-        text = (
-            urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/metrics", timeout=5
-            )
-            .read()
-            .decode()
-        )
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     except OSError:
         return {}
     for line in text.splitlines():
