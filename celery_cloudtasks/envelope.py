@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import EnvelopeError
+from .naming import key_for_headers
 
 __all__ = ["ENVELOPE_VERSION", "TaskEnvelope"]
 
@@ -61,6 +62,11 @@ class TaskEnvelope:
     def retries(self) -> int:
         value = self.headers.get("retries") or 0
         return value if isinstance(value, int) and value >= 0 else 0
+
+    @property
+    def idempotency_key(self) -> str:
+        """The key naming this attempt's Cloud Tasks task (see :mod:`.naming`)."""
+        return key_for_headers(self.headers)
 
     @property
     def first_dispatch_at(self) -> float:

@@ -23,6 +23,9 @@ Settings come from the Celery app's ``broker_transport_options`` (see
 ``CLOUDTASKS_URL_PREFIX``           ``""``
 ``CLOUDTASKS_RETRY_AFTER_SECONDS``  30 (``Retry-After`` of 503 answers)
 ``CLOUDTASKS_CLOCK``                ``time.time`` (tests pass a ManualClock)
+``CLOUDTASKS_METRICS``              serve Prometheus metrics; default: on when the
+                                    transport option ``metrics`` is ``"prometheus"``
+``CLOUDTASKS_METRICS_PATH``         ``/metrics``
 ==================================  =============================================
 
 Responses are small JSON objects (outcome and task id); never a traceback.
@@ -40,9 +43,10 @@ from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
 
+from .batch import dispatch_batch
 from .deadletter import DeadLetterer
 from .envelope import TaskEnvelope
-from .errors import ConfigurationError, EnvelopeError, OidcError
+from .errors import BatchEnqueueError, ConfigurationError, EnvelopeError, OidcError
 from .execution import (
     DeliveryExecutor,
     DeliveryMetadata,
@@ -51,7 +55,7 @@ from .execution import (
     Outcome,
 )
 from .limits import MAX_SCHEDULE_AHEAD
-from .naming import idempotency_key
+from .metrics import PrometheusMetrics, render_metrics
 from .publisher import Publisher
 from .settings import TransportSettings
 
@@ -97,6 +101,18 @@ class CloudTasksPush:
         app.add_url_rule(
             prefix + ROUTE + "/<path:subpath>", "cloudtasks_push_sub", _view, methods=["POST"]
         )
+        metrics = app.config["CLOUDTASKS_METRICS"]
+        if metrics is None:
+            metrics = isinstance(state.publisher.metrics, PrometheusMetrics)
+        if metrics:
+            if not isinstance(state.publisher.metrics, PrometheusMetrics):
+                raise ConfigurationError(
+                    "CLOUDTASKS_METRICS needs broker_transport_options['metrics'] = 'prometheus' "
+                    "(or a PrometheusMetrics instance)"
+                )
+            app.add_url_rule(
+                prefix + app.config["CLOUDTASKS_METRICS_PATH"], "cloudtasks_metrics", _metrics_view
+            )
 
 
 def create_app(celery_app: Any, **config: Any) -> Flask:
@@ -120,6 +136,8 @@ def _build_state(config: Any, celery_app: Any) -> PushState:
     config.setdefault("CLOUDTASKS_URL_PREFIX", "")
     config.setdefault("CLOUDTASKS_RETRY_AFTER_SECONDS", 30)
     config.setdefault("CLOUDTASKS_CLOCK", time.time)
+    config.setdefault("CLOUDTASKS_METRICS", None)
+    config.setdefault("CLOUDTASKS_METRICS_PATH", "/metrics")
     clock = config["CLOUDTASKS_CLOCK"]
     max_body = config["CLOUDTASKS_MAX_BODY_BYTES"]
     if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body <= 0:
@@ -256,7 +274,22 @@ def _deliver(state: PushState, body: bytes) -> Response:
         _undecodable(state, body, meta, str(exc))
         return _reply(200, outcome=Outcome.UNDELIVERABLE.value)
     meta = _metadata(state, envelope, now)
-    result = state.executor.execute(envelope, meta)
+    if meta.queue and isinstance(state.publisher.metrics, PrometheusMetrics):
+        state.publisher.queue(meta.queue.rsplit("/", 1)[-1])  # its depth joins the scrape
+    try:
+        # Follow-ups the task publishes (chain steps, group members, retries) go out
+        # concurrently and are all confirmed before Cloud Tasks hears "done".
+        with dispatch_batch(state.settings.max_concurrent_dispatches):
+            result = state.executor.execute(envelope, meta)
+    except BatchEnqueueError as exc:
+        logger.error(
+            "delivery %s[%s]: follow-up tasks not enqueued, asking for redelivery: %s",
+            envelope.task_name,
+            envelope.task_id,
+            exc,
+            extra=_log_fields(envelope, meta),
+        )
+        return _reply(503, {"Retry-After": str(state.retry_after_seconds)}, error="publish")
     state.publisher.metrics.delivered(
         envelope.task_name, result.outcome.value, result.runtime_seconds
     )
@@ -266,7 +299,7 @@ def _deliver(state: PushState, body: bytes) -> Response:
         envelope.task_id,
         meta.retry_count + 1,
         result.outcome.value,
-        extra={"celery_task_id": envelope.task_id, "cloudtasks_task": meta.task_name},
+        extra=_log_fields(envelope, meta),
     )
     if result.outcome is Outcome.NOT_DUE:
         return _defer(state, envelope, meta, result)
@@ -287,6 +320,22 @@ def _deliver(state: PushState, body: bytes) -> Response:
             envelope, meta, reason=reason, failure=result.failure, fallback_url=request.base_url
         )
     return _reply(200, outcome=result.outcome.value, task_id=result.task_id)
+
+
+def _log_fields(envelope: TaskEnvelope, meta: DeliveryMetadata) -> dict[str, Any]:
+    return {
+        "celery_task_id": envelope.task_id,
+        "celery_task_name": envelope.task_name,
+        "cloudtasks_task": meta.task_name,
+        "cloudtasks_queue": meta.queue,
+        "attempt": meta.retry_count + 1,
+    }
+
+
+def _metrics_view() -> Response:
+    state: PushState = current_app.extensions[EXTENSION_KEY]
+    payload, content_type = render_metrics(state.publisher.metrics)
+    return Response(payload, status=200, content_type=content_type)
 
 
 def _undecodable(state: PushState, body: bytes, meta: DeliveryMetadata, why: str) -> None:
@@ -331,8 +380,8 @@ def _defer(
         not_before = min(eta, now + horizon)
     message = copy.deepcopy(dict(envelope.message))
     properties = message.setdefault("properties", {})
-    key = idempotency_key(envelope.root_id, envelope.task_id, envelope.retries)
-    properties["cloudtasks_idempotency_key"] = f"{key}/not-before/{int(not_before)}"
+    key = f"{envelope.idempotency_key}/not-before/{int(not_before)}"
+    properties["cloudtasks_idempotency_key"] = key
     if meta.queue:
         properties["cloudtasks_queue"] = meta.queue.rsplit("/", 1)[-1]
     try:

@@ -30,7 +30,13 @@ from typing import Any, Protocol, runtime_checkable
 
 from .errors import ConfigurationError
 
-__all__ = ["DispatchMetrics", "NullMetrics", "PrometheusMetrics", "resolve_metrics"]
+__all__ = [
+    "DispatchMetrics",
+    "NullMetrics",
+    "PrometheusMetrics",
+    "render_metrics",
+    "resolve_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +168,13 @@ class _DepthCollector:
                 self._cache[queue] = cached
             family.add_metric([queue], cached[1])
         yield family
+
+
+def render_metrics(metrics: Any) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``metrics`` (a :class:`PrometheusMetrics`)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(metrics.registry), CONTENT_TYPE_LATEST
 
 
 _default_prometheus: list[PrometheusMetrics] = []

@@ -1,7 +1,8 @@
 """Idempotent Cloud Tasks task names and valid queue IDs.
 
 A Celery publish maps to the idempotency key ``{run_id}/{task_id}/{attempt}``
-(run_id = ``root_id`` or the task id, attempt = the ``retries`` header), and
+(run_id = ``root_id`` or the task id, attempt = the ``retries`` header; a
+``Task.replace()`` adds ``/replaced-N``), and
 the key to a task ID with :func:`task_id_for`:
 
 * deterministic, only ``[A-Za-z0-9_-]``, at most 500 characters;
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ConfigurationError
 
@@ -24,6 +27,7 @@ __all__ = [
     "MAX_QUEUE_ID_LENGTH",
     "MAX_TASK_ID_LENGTH",
     "idempotency_key",
+    "key_for_headers",
     "queue_id_for",
     "task_id_for",
 ]
@@ -41,6 +45,26 @@ def idempotency_key(run_id: str, task_id: str, attempt: int) -> str:
     if attempt < 0:
         raise ValueError(f"attempt must be >= 0, got {attempt}")
     return f"{run_id}/{task_id}/{attempt}"
+
+
+def key_for_headers(headers: Mapping[str, Any]) -> str:
+    """The idempotency key of a Celery message (protocol 2 headers).
+
+    ``Task.replace()`` republishes the same id and ``retries`` with a higher
+    ``replaced_task_nesting``; that nesting becomes a key suffix, otherwise the
+    replacement would be deduplicated against the task it replaces.
+    """
+    task_id = str(headers.get("id") or "")
+    retries = headers.get("retries") or 0
+    key = idempotency_key(
+        str(headers.get("root_id") or task_id),
+        task_id,
+        retries if isinstance(retries, int) and retries >= 0 else 0,
+    )
+    nesting = headers.get("replaced_task_nesting") or 0
+    if isinstance(nesting, int) and nesting > 0:
+        key += f"/replaced-{nesting}"
+    return key
 
 
 def _escape(data: bytes) -> str:

@@ -21,7 +21,7 @@ from .envelope import TaskEnvelope
 from .errors import ConfigurationError, EnqueueError
 from .limits import split_schedule_time
 from .metrics import CREATED, DEDUPLICATED, FAILED, DispatchMetrics, resolve_metrics
-from .naming import idempotency_key
+from .naming import key_for_headers
 from .queue import TaskQueue
 from .routing import QueueRouter
 from .settings import TransportSettings
@@ -101,6 +101,9 @@ class Publisher:
                     from .dispatcher import CloudTasksDispatcher
 
                     self._queues[queue_id] = CloudTasksDispatcher(self.settings, queue_id)
+                watch = getattr(self.metrics, "watch_queue_depth", None)
+                if watch is not None:
+                    watch(queue_id, self._queues[queue_id].queue_depth)
             return self._queues[queue_id]
 
     def queue_for_celery(self, celery_queue: str) -> TaskQueue:
@@ -138,9 +141,7 @@ class Publisher:
         now = now or datetime.now(timezone.utc)
         eta = _parse_eta(headers.get("eta"), field="eta")
         schedule_time, _beyond = split_schedule_time(eta, now)
-        key = overrides.get("idempotency_key") or idempotency_key(
-            str(headers.get("root_id") or task_id), task_id, int(headers.get("retries") or 0)
-        )
+        key = overrides.get("idempotency_key") or key_for_headers(headers)
         http_headers: dict[str, str] = {}
         traceparent = current_traceparent(headers)
         if traceparent is not None:

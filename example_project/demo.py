@@ -192,7 +192,7 @@ def main() -> int:
                     "--bind",
                     f"127.0.0.1:{web_port}",
                     "--workers",
-                    "2",
+                    "1",
                     "--worker-class",
                     "gthread",
                     "--threads",

@@ -302,11 +302,6 @@ def test_chain_group_chord(canvas_app: Celery) -> None:
         assert ct.dead_letters == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publisher: Task.replace() republishes the same id and retries (only "
-    "replaced_task_nesting grows), so the idempotency key deduplicates the replacement",
-)
 def test_task_replace_with_callbacks(canvas_app: Celery) -> None:
     add = canvas_app.tasks["add"]
     with CloudTasksHarness(canvas_app, retry=SMALL_RETRY) as ct:

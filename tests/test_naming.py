@@ -84,3 +84,12 @@ def test_queue_ids() -> None:
     for bad in ["", "a/b", "ü", "x" * 101]:
         with pytest.raises(ConfigurationError, match="queue_map"):
             queue_id_for(bad)
+
+
+def test_replaced_task_gets_its_own_key() -> None:
+    from celery_cloudtasks.naming import key_for_headers
+
+    headers = {"id": "t", "root_id": "r", "retries": 1}
+    assert key_for_headers(headers) == "r/t/1"
+    assert key_for_headers({**headers, "replaced_task_nesting": 2}) == "r/t/1/replaced-2"
+    assert key_for_headers({"id": "t", "retries": "bogus"}) == "t/t/0"
