@@ -15,9 +15,14 @@ name                                                   type       labels
 ``celery_cloudtasks_queue_depth``                      gauge      queue
 =====================================================  =========  ==================
 
-Dispatch outcomes: ``created``, ``deduplicated``, ``failed``. Queue depth is
-collected on scrape through registered callables and cached for
-``depth_cache_seconds``.
+Dispatch outcomes: ``created``, ``deduplicated``, ``failed``. Delivery
+outcomes are the values of :class:`celery_cloudtasks.execution.Outcome`
+(``succeeded``, ``retry_scheduled``, ``redeliver``, ``failed``, ``rejected``,
+``requeue``, ``ignored``, ``revoked``, ``unknown_task``, ``not_due``,
+``internal_error``). Queue depth is collected on scrape for every queue the
+process has dispatched to or received from, and cached for
+``depth_cache_seconds``. With several worker processes per container each
+serves its own counters; on Cloud Run prefer one process with threads.
 """
 
 from __future__ import annotations
