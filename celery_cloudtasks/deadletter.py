@@ -33,7 +33,13 @@ from .naming import idempotency_key
 from .queue import TaskQueue
 from .types import EnqueueOptions, OidcToken
 
-__all__ = ["DeadLetterOutcome", "DeadLetterer", "dead_letter_info", "task_dead_lettered"]
+__all__ = [
+    "REPLAYS_HEADER",
+    "DeadLetterOutcome",
+    "DeadLetterer",
+    "dead_letter_info",
+    "task_dead_lettered",
+]
 
 logger = logging.getLogger("celery_cloudtasks.deadletter")
 
@@ -41,6 +47,17 @@ logger = logging.getLogger("celery_cloudtasks.deadletter")
 #: ``sender`` is the Celery task name; keyword arguments: ``envelope`` (the
 #: :class:`TaskEnvelope` with its ``dead_letter`` mapping), ``reason``,
 #: ``queue`` (the dead-letter queue ID, or None) and ``enqueued`` (bool).
+#: Celery message header carrying how often a task was replayed from dead letters.
+REPLAYS_HEADER = "cloudtasks_replays"
+
+
+def _replays(envelope: TaskEnvelope) -> int:
+    previous = (envelope.dead_letter or {}).get("replays")
+    counted = int(previous) + 1 if isinstance(previous, int) else 0
+    header = envelope.headers.get(REPLAYS_HEADER)
+    return max(counted, header if isinstance(header, int) else 0)
+
+
 task_dead_lettered = Signal(name="task_dead_lettered")
 
 
@@ -77,9 +94,7 @@ def dead_letter_info(
         "task_id": envelope.task_id,
         "task_name": envelope.task_name,
         # A replay from the dead-letter queue that fails again: count, don't nest.
-        "replays": int((envelope.dead_letter or {}).get("replays", -1)) + 1
-        if envelope.dead_letter
-        else 0,
+        "replays": _replays(envelope),
     }
 
 
