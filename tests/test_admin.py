@@ -1,4 +1,4 @@
-"""QueueAdmin (and DeadLetterAdmin) against the real Cloud Tasks emulator, and its error mapping against scripted errors.
+"""QueueAdmin and DeadLetterAdmin against the real Cloud Tasks emulator; errors scripted.
 
 What the emulator lets us assert (gcloud-tasks-emulator 0.6.2): ``create_queue`` stores the
 queue exactly as sent, so retry config and rate limits given at creation are read back;
@@ -343,7 +343,9 @@ class RefusingClient:
 )
 def test_permission_denied_names_the_iam_permission(operation: str, permission: str) -> None:
     settings = TransportSettings(project="p", location="l", dead_letter_queue="dead")
-    admin = DeadLetterAdmin(settings, client=RefusingClient(gexc.PermissionDenied("caller lacks it")))
+    admin = DeadLetterAdmin(
+        settings, client=RefusingClient(gexc.PermissionDenied("caller lacks it"))
+    )
     args = ("q",) if operation in ("pause", "resume") else ()
     with pytest.raises(PermissionDenied, match=permission) as caught:
         getattr(admin, operation)(*args)
