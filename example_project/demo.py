@@ -130,6 +130,10 @@ def make_orders(tenant: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--orders", type=int, default=120, help="orders per tenant")
@@ -137,6 +141,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for work")
     parser.add_argument("--plain", action="store_true", help="no live table (for logs and CI)")
     args = parser.parse_args()
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # closing the terminal still cleans up
+        signal.signal(signum, _exit_on_signal)
 
     workdir = Path(tempfile.mkdtemp(prefix="shop-demo-"))
     api_port, web_port = free_port(), free_port()
@@ -315,8 +321,17 @@ def _live_table() -> Any:
 def _render(counts: Counter[tuple[str, str]], dead: int, elapsed: float) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"shop demo: {elapsed:5.1f} s, {dead} dead letters")
-    states = sorted({s for _g, s in counts})
+    total = sum(counts.values())
+    finished = sum(n for (_g, s), n in counts.items() if s in ("SUCCESS", "FAILURE"))
+    width = 30
+    filled = round(width * finished / total) if total else 0
+    bar = "#" * filled + "-" * (width - filled)
+    table = Table(
+        title=f"shop demo, {elapsed:.1f} s",
+        caption=f"[{bar}] {finished}/{total} finished, {dead} dead letters",
+    )
+    order = ["PENDING", "RETRY", "STARTED", "SUCCESS", "FAILURE"]
+    states = sorted({s for _g, s in counts} | {"PENDING", "SUCCESS", "FAILURE"}, key=order.index)
     table.add_column("group")
     for state in states:
         table.add_column(state, justify="right")
