@@ -35,7 +35,7 @@ __all__ = [
 MAX_TASK_ID_LENGTH = 500
 MAX_QUEUE_ID_LENGTH = 100
 _HASH_PREFIX = 8
-_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 
@@ -67,15 +67,20 @@ def key_for_headers(headers: Mapping[str, Any]) -> str:
     return key
 
 
-def _escape(data: bytes) -> str:
-    return "".join(chr(b) if b in _PLAIN else f"_{b:02x}" for b in data)
+def _escape_char(match: re.Match[str]) -> str:
+    return "".join(f"_{b:02x}" for b in match[0].encode("utf-8", "surrogatepass"))
+
+
+def _escape(key: str) -> str:
+    """Every UTF-8 byte outside ``[A-Za-z0-9-]`` as ``_xx`` (reversible, prefix-free)."""
+    return _UNSAFE.sub(_escape_char, key)
 
 
 def task_id_for(key: str) -> str:
     """A valid, deterministic, collision-free Cloud Tasks task ID for ``key``."""
     data = key.encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(data).hexdigest()
-    escaped = _escape(data)
+    escaped = _escape(key)
     if _HASH_PREFIX + 1 + len(escaped) <= MAX_TASK_ID_LENGTH:
         return f"{digest[:_HASH_PREFIX]}_{escaped}"
     head = escaped[: MAX_TASK_ID_LENGTH - _HASH_PREFIX - len(digest) - 2]
