@@ -77,8 +77,9 @@ class DispatchBatch:
         if failed:
             first = next(iter(failed.values()))
             raise BatchEnqueueError(
-                f"{len(failed)} of {len(pending)} tasks were not enqueued (first error: {first}); "
-                f"{len(self.results)} were. Re-dispatching the batch is safe.",
+                f"{len(failed)} of {len(pending)} tasks may not have been enqueued (first error: "
+                f"{first}); {len(self.results)} were. Re-dispatching the batch is safe: names "
+                "are idempotent.",
                 enqueued=[result.task_name for result in self.results],
                 failed=failed,
             )

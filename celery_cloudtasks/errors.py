@@ -88,8 +88,9 @@ class BatchEnqueueError(EnqueueError):
     """Some tasks of a concurrent dispatch failed.
 
     ``enqueued`` lists the task names that exist in Cloud Tasks (created or
-    deduplicated); ``failed`` maps each idempotency key that was not enqueued to
-    its error. Re-dispatching the whole batch is safe: names are idempotent.
+    deduplicated); ``failed`` maps each idempotency key whose enqueue did not
+    succeed to its error (after a timeout the task may still have been created).
+    Re-dispatching the whole batch is safe: names are idempotent.
     """
 
     def __init__(

@@ -230,6 +230,11 @@ def _view(subpath: str = "") -> Response:
     length = request.content_length
     if length is not None and length > state.max_body_bytes:
         return _reply(413, error="payload too large")
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if length is None and chunked and not request.environ.get("wsgi.input_terminated"):
+        # Cloud Tasks always sends Content-Length; a chunked body this server cannot
+        # read would otherwise look empty and be dead-lettered.
+        return _reply(411, error="length required")
     body = request.stream.read(state.max_body_bytes + 1)
     if len(body) > state.max_body_bytes:
         return _reply(413, error="payload too large")
@@ -242,7 +247,7 @@ def _view(subpath: str = "") -> Response:
 
 def _int_header(name: str) -> int:
     try:
-        return max(0, int(request.headers.get(name, "0") or 0))
+        return min(max(0, int(request.headers.get(name, "0") or 0)), 2**31)
     except ValueError:
         return 0
 

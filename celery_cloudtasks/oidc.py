@@ -160,7 +160,8 @@ class OidcVerifier:
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("token has no key id")
         claims = self._decode(token, kid, self._cert_for(kid))
-        if claims.get("iss") not in self.issuers:
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or issuer not in self.issuers:
             raise InvalidToken("wrong issuer")
         email, subject = claims.get("email"), claims.get("sub")
         iat, exp = claims.get("iat"), claims.get("exp")

@@ -87,13 +87,13 @@ class RetryConfig:
         """Delay Cloud Tasks waits before attempt ``retry_count + 1`` (0-based retries)."""
         if retry_count <= 0:
             return self.min_backoff
+        retry_count = min(retry_count, 1_000_000)  # forged headers must not overflow
         doublings = min(retry_count - 1, self.max_doublings)
-        delay: timedelta = self.min_backoff * (2**doublings)
+        base = self.min_backoff.total_seconds()
+        delay = base * 2.0**doublings
         if retry_count - 1 > self.max_doublings:
-            delay += (
-                self.min_backoff * (2**self.max_doublings) * (retry_count - 1 - self.max_doublings)
-            )
-        return delay if delay < self.max_backoff else self.max_backoff
+            delay += base * 2.0**self.max_doublings * (retry_count - 1 - self.max_doublings)
+        return min(timedelta(seconds=delay), self.max_backoff)
 
     def is_final_attempt(self, retry_count: int, elapsed: timedelta) -> bool:
         """Whether Cloud Tasks would give up if the attempt numbered ``retry_count`` fails.

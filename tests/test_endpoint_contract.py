@@ -254,3 +254,20 @@ def test_body_over_the_cap_is_413(app: Celery) -> None:
     ) as ct:
         response = ct.test_client().post("/_cloudtasks", data=b"x" * 1001)
         assert response.status_code == 413 and ct.dead_letters == []
+
+
+def test_chunked_body_the_server_cannot_read_is_411_not_a_dead_letter() -> None:
+    from celery import Celery
+
+    from celery_cloudtasks.flask import create_app
+
+    app = Celery("chunked", broker="cloudtasks://projects/p/locations/l")
+    app.conf.broker_transport_options = {"push_url": "http://h/_cloudtasks"}
+    client = create_app(app, verify_oidc=False).test_client()
+    response = client.post(
+        "/_cloudtasks",
+        data=b'{"v": 1}',
+        headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+        environ_overrides={"wsgi.input_terminated": False},
+    )
+    assert response.status_code == 411
