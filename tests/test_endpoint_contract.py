@@ -197,6 +197,7 @@ def test_undecodable_body_is_dead_lettered_2xx(
     assert b"Traceback" not in response.data
 
 
+@pytest.mark.filterwarnings("ignore:Exception raised outside body:RuntimeWarning")
 def test_failure_outside_the_body_is_503_with_retry_after() -> None:
     app = Celery("down", set_as_current=False, backend=DOWN_BACKEND)
     with CloudTasksHarness(app, retry=SMALL_RETRY) as ct:

@@ -262,6 +262,7 @@ def test_unknown_task(env: Any) -> None:
     assert result.state == states.PENDING
 
 
+@pytest.mark.filterwarnings("ignore:Exception raised outside body:RuntimeWarning")
 def test_backend_down_is_internal_error() -> None:
     producer, queues = make_app()
     worker, _ = make_app(DOWN_BACKEND)
