@@ -82,3 +82,24 @@ def test_current_opentelemetry_span_is_propagated(
 )
 def test_traceparent_validation(value: object, ok: bool) -> None:
     assert (valid_traceparent(value) is not None) is ok
+
+
+def test_follow_ups_published_by_a_running_task_keep_its_trace() -> None:
+    from celery import chain
+
+    from celery_cloudtasks.testing import CloudTasksHarness
+
+    app = Celery("traced-chain")
+    app.conf.result_backend = "cache+memory://"
+    seen: list[str | None] = []
+
+    @app.task(name="step", shared=False, bind=True)
+    def step(self: object, x: int) -> int:
+        seen.append(getattr(self.request, "traceparent", None))  # type: ignore[attr-defined]
+        return x + 1
+
+    with CloudTasksHarness(app) as ct:
+        result = chain(step.s(1), step.s(), step.s()).apply_async(headers={"traceparent": TRACE})
+        ct.run_until_idle()
+        assert result.get(timeout=0) == 4
+    assert seen == [TRACE, TRACE, TRACE]
