@@ -50,23 +50,43 @@ class DispatchBatch:
         if max_in_flight < 1:
             raise ConfigurationError("max_in_flight must be >= 1")
         self.max_in_flight = max_in_flight
-        self._executor = ThreadPoolExecutor(
-            max_workers=max_in_flight, thread_name_prefix="cloudtasks-dispatch"
-        )
+        # The pool starts with the second enqueue: most deliveries of the push endpoint
+        # publish nothing or one follow-up, which then runs inline, without a thread.
+        self._executor: ThreadPoolExecutor | None = None
+        self._held: tuple[Publisher, PublishedTask] | None = None
         self._pending: list[tuple[PublishedTask, Future[EnqueueResult]]] = []
         #: Results of every enqueue, in submission order (filled by :meth:`wait`).
         self.results: list[EnqueueResult] = []
 
     def submit(self, publisher: Publisher, prepared: PublishedTask) -> None:
+        if self._executor is None:
+            if self._held is None:
+                self._held = (publisher, prepared)
+                return
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.max_in_flight, thread_name_prefix="cloudtasks-dispatch"
+            )
+            held, self._held = self._held, None
+            self._pending.append((held[1], self._executor.submit(held[0].enqueue, held[1])))
         self._pending.append((prepared, self._executor.submit(publisher.enqueue, prepared)))
 
     def wait(self) -> list[EnqueueResult]:
         """Wait for every submitted enqueue; raise if any failed."""
+        if self._held is not None:  # a single enqueue: inline
+            (publisher, prepared), self._held = self._held, None
+            done: Future[EnqueueResult] = Future()
+            try:
+                done.set_result(publisher.enqueue(prepared))
+            except Exception as exc:
+                done.set_exception(exc)
+            self._pending.append((prepared, done))
         pending, self._pending = self._pending, []
         try:
             wait([future for _, future in pending])
         finally:
-            self._executor.shutdown(wait=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
         failed: dict[str, BaseException] = {}
         for prepared, future in pending:
             error = future.exception()
