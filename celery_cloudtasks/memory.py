@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -376,7 +376,3 @@ def wsgi_handler(app: Callable[..., Iterable[bytes]]) -> DeliveryHandler:
         return status[0]
 
     return handle
-
-
-def utc_from_timestamp(value: float) -> datetime:
-    return datetime.fromtimestamp(value, tz=timezone.utc)
