@@ -18,6 +18,7 @@ has been applied.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -48,40 +49,42 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_clients: dict[str | None, Any] = {}
+_clients: dict[tuple[str, str | None], Any] = {}
 _retry_applied: set[tuple[str, RetryConfig]] = set()
 _lock = threading.Lock()
 
 
-def _tasks_v2() -> Any:
-    try:
-        from google.cloud import tasks_v2
-    except ImportError as exc:  # pragma: no cover - exercised with the extra missing
-        raise ConfigurationError(
-            "CloudTasksDispatcher needs google-cloud-tasks: pip install 'celery-cloudtasks[gcp]'"
-        ) from exc
-    return tasks_v2
+def make_client(emulator_host: str | None = None, *, version: str = "v2") -> Any:
+    """A ``CloudTasksClient`` of API ``version`` (``v2``, or ``v2beta3`` for queue stats).
 
-
-def make_client(emulator_host: str | None = None) -> Any:
-    """A ``CloudTasksClient``: shared per process, insecure channel for an emulator."""
+    Shared per process and per emulator host (gRPC clients are thread-safe and
+    costly to build); an emulator is reached over an insecure channel.
+    """
+    key = (version, emulator_host)
     with _lock:
-        if emulator_host in _clients:
-            return _clients[emulator_host]
-        tasks_v2 = _tasks_v2()
+        if key in _clients:
+            return _clients[key]
+        try:
+            api = importlib.import_module(f"google.cloud.tasks_{version}")
+        except ImportError as exc:
+            raise ConfigurationError(
+                "CloudTasksDispatcher needs google-cloud-tasks: "
+                "pip install 'celery-cloudtasks[gcp]'"
+            ) from exc
         if emulator_host:
             import grpc
             from google.auth.credentials import AnonymousCredentials
-            from google.cloud.tasks_v2.services.cloud_tasks.transports import (
-                CloudTasksGrpcTransport,
-            )
 
-            channel = grpc.insecure_channel(emulator_host)
-            transport = CloudTasksGrpcTransport(channel=channel, credentials=AnonymousCredentials())
-            client = tasks_v2.CloudTasksClient(transport=transport)
+            transports = importlib.import_module(
+                f"google.cloud.tasks_{version}.services.cloud_tasks.transports"
+            )
+            transport = transports.CloudTasksGrpcTransport(
+                channel=grpc.insecure_channel(emulator_host), credentials=AnonymousCredentials()
+            )
+            client = api.CloudTasksClient(transport=transport)
         else:
-            client = tasks_v2.CloudTasksClient()
-        _clients[emulator_host] = client
+            client = api.CloudTasksClient()
+        _clients[key] = client
         return client
 
 
@@ -268,12 +271,7 @@ class CloudTasksDispatcher:
     def _stats_depth(self) -> int | None:
         from google.api_core import exceptions as gexc
 
-        try:
-            from google.cloud import tasks_v2beta3
-        except ImportError:  # pragma: no cover
-            self._stats_supported = False
-            return None
-        client = self._beta_client(tasks_v2beta3)
+        client = make_client(self.settings.emulator_host, version="v2beta3")
         try:
             queue = client.get_queue(
                 request={"name": self.queue_path, "read_mask": {"paths": ["name", "stats"]}},
@@ -286,21 +284,6 @@ class CloudTasksDispatcher:
             raise translate_api_error(exc, task_name=None, queue=self.queue_path) from exc
         self._stats_supported = True
         return int(queue.stats.tasks_count)
-
-    def _beta_client(self, tasks_v2beta3: Any) -> Any:
-        host = self.settings.emulator_host
-        if host:
-            import grpc
-            from google.auth.credentials import AnonymousCredentials
-            from google.cloud.tasks_v2beta3.services.cloud_tasks.transports import (
-                CloudTasksGrpcTransport,
-            )
-
-            transport = CloudTasksGrpcTransport(
-                channel=grpc.insecure_channel(host), credentials=AnonymousCredentials()
-            )
-            return tasks_v2beta3.CloudTasksClient(transport=transport)
-        return tasks_v2beta3.CloudTasksClient()
 
     def _count_tasks(self) -> int:
         """Count ``list_tasks`` pages (1000 per page), at most ``queue_depth_max_pages``."""

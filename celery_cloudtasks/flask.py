@@ -37,7 +37,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -383,16 +383,15 @@ def _defer(
     not_before = min(eta, anchor + horizon, now + horizon)
     if not_before <= now:
         not_before = min(eta, now + horizon)
-    message = copy.deepcopy(dict(envelope.message))
-    properties = message.setdefault("properties", {})
-    key = f"{envelope.idempotency_key}/not-before/{int(not_before)}"
-    properties["cloudtasks_idempotency_key"] = key
-    if meta.queue:
-        properties["cloudtasks_queue"] = meta.queue.rsplit("/", 1)[-1]
     try:
-        prepared = state.publisher.prepare(envelope.queue, message, now=_utc(now))
-        prepared.options = replace(prepared.options, schedule_time=_utc(not_before))
-        prepared.envelope = replace(prepared.envelope, scheduled_at=not_before)
+        prepared = state.publisher.prepare(
+            envelope.queue,
+            copy.deepcopy(dict(envelope.message)),
+            now=_utc(now),
+            idempotency_key=f"{envelope.idempotency_key}/not-before/{int(not_before)}",
+            queue_id=meta.queue.rsplit("/", 1)[-1] or None,
+            schedule_time=_utc(not_before),
+        )
         state.publisher.enqueue(prepared)
     except Exception as exc:
         logger.error("could not re-enqueue %s until its ETA: %r", envelope.task_id, exc)

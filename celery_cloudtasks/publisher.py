@@ -110,12 +110,21 @@ class Publisher:
         return self.queue(self.router.queue_id(celery_queue))
 
     def prepare(
-        self, celery_queue: str, message: MutableMapping[str, Any], *, now: datetime | None = None
+        self,
+        celery_queue: str,
+        message: MutableMapping[str, Any],
+        *,
+        now: datetime | None = None,
+        idempotency_key: str | None = None,
+        queue_id: str | None = None,
+        schedule_time: datetime | None = None,
     ) -> PublishedTask:
         """Build the envelope and enqueue options for a kombu message dict.
 
         ``cloudtasks_*`` per-call options are removed from the message
-        properties (they are instructions to us, not data for the task).
+        properties (they are instructions to us, not data for the task). The
+        keyword overrides serve the library's own re-enqueues of a message
+        already published once (a hop towards a far ETA, a dead-letter replay).
         """
         properties = message.setdefault("properties", {})
         headers = message.get("headers") or {}
@@ -135,13 +144,16 @@ class Publisher:
                 "sent through Cloud Tasks"
             )
         priority = properties.get("priority")
-        queue_id = overrides.get("queue") or self.router.queue_id(
-            celery_queue, priority if isinstance(priority, int) else None
+        queue_id = (
+            queue_id
+            or overrides.get("queue")
+            or self.router.queue_id(celery_queue, priority if isinstance(priority, int) else None)
         )
         now = now or datetime.now(timezone.utc)
-        eta = _parse_eta(headers.get("eta"), field="eta")
-        schedule_time, _beyond = split_schedule_time(eta, now)
-        key = overrides.get("idempotency_key") or key_for_headers(headers)
+        if schedule_time is None:
+            eta = _parse_eta(headers.get("eta"), field="eta")
+            schedule_time, _beyond = split_schedule_time(eta, now)
+        key = idempotency_key or overrides.get("idempotency_key") or key_for_headers(headers)
         http_headers: dict[str, str] = {}
         traceparent = current_traceparent(headers)
         if traceparent is not None:

@@ -14,6 +14,7 @@ import copy
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .admin import QueueAdmin, _int, _status
@@ -62,6 +63,10 @@ class ReplayReport:
 
 class DeadLetterAdmin(QueueAdmin):
     """:class:`QueueAdmin` plus the dead-letter queue's contents."""
+
+    @cached_property
+    def _publisher(self) -> Publisher:
+        return Publisher(self.settings)
 
     def dead_letter_queue(self, queue_id: str | None = None) -> str:
         queue_id = queue_id or self.settings.dead_letter_queue
@@ -152,12 +157,13 @@ class DeadLetterAdmin(QueueAdmin):
         replays = letter.replays + 1
         message = copy.deepcopy(dict(envelope.message))
         message["headers"][REPLAYS_HEADER] = replays
-        properties = message.setdefault("properties", {})
-        properties["cloudtasks_idempotency_key"] = f"{envelope.idempotency_key}/replay/{replays}"
         original = str(letter.info.get("cloudtasks_queue") or "").rsplit("/", 1)[-1]
-        if original:
-            properties["cloudtasks_queue"] = original
-        prepared = Publisher(self.settings).prepare(envelope.queue, message)
+        prepared = self._publisher.prepare(
+            envelope.queue,
+            message,
+            idempotency_key=f"{envelope.idempotency_key}/replay/{replays}",
+            queue_id=original or None,
+        )
         target = CloudTasksDispatcher(self.settings, prepared.queue_id, client=self.client)
         with self._api("create_task", prepared.queue_id):
             return target.enqueue(prepared.envelope, prepared.options)
